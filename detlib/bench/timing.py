@@ -1,0 +1,33 @@
+"""Time a callable honestly on either backend: CUDA events on a GPU, a wall clock on the CPU."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from detlib.backend import is_interpreter
+
+
+def median_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median time of one call of ``fn`` in milliseconds (warm-up calls excluded)."""
+    if not is_interpreter():
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    times: list[float] = []
+    deadline = time.perf_counter() + rep_ms / 1000
+    while not times or (time.perf_counter() < deadline and len(times) < 1000):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def sync() -> None:
+    """Wait for queued GPU work (a no-op on the CPU)."""
+    if torch.cuda.is_available() and not is_interpreter():
+        torch.cuda.synchronize()

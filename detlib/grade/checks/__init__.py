@@ -1,0 +1,1 @@
+"""One module per lab (``labNN.py``), each registering that lab's exercise checks."""
