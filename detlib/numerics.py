@@ -53,10 +53,13 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype != b.dtype or a.dtype not in _INT_VIEW:
         raise TypeError(f"ulp_distance needs two tensors of one float dtype, got {a.dtype} and {b.dtype}")
     a, b = a.detach().cpu(), b.detach().cpu()
-    if a.dtype == torch.float64:  # int64 differences could overflow: go through exact float arithmetic
-        dist = (_ordered(a).to(torch.float64) - _ordered(b).to(torch.float64)).abs()
-    else:
-        dist = (_ordered(a) - _ordered(b)).abs().to(torch.float64)
+    oa, ob = _ordered(a), _ordered(b)
+    same_sign = (oa >= 0) == (ob >= 0)
+    # Same sign: the int64 difference is exact. Opposite signs: add magnitudes in float64 (an int64 sum of two
+    # float64 magnitudes could overflow; a distance that large needs no exactness).
+    exact = (torch.where(same_sign, oa, 0) - torch.where(same_sign, ob, 0)).abs().to(torch.float64)
+    across = oa.abs().to(torch.float64) + ob.abs().to(torch.float64)
+    dist = torch.where(same_sign, exact, across)
     a_nan, b_nan = torch.isnan(a), torch.isnan(b)
     dist = torch.where(a_nan & b_nan, torch.zeros_like(dist), dist)
     return torch.where(a_nan ^ b_nan, torch.full_like(dist, float("inf")), dist)
@@ -105,11 +108,9 @@ def diff_summary(a: torch.Tensor, b: torch.Tensor) -> DiffSummary:
     if n_diff == 0:
         return DiffSummary(tuple(a.shape), str(a.dtype), a.numel(), 0, None, None, 0.0, 0.0)
     first = tuple(int(i) for i in differs.nonzero()[0])
-    abs_diff = (a.double() - b.double()).abs()
+    abs_diff = (a.double() - b.double()).abs()[differs]
     finite = torch.isfinite(abs_diff)
-    max_abs = float(abs_diff[finite].max()) if finite.any() else float("inf")
-    if not bool(finite.all()):
-        max_abs = float("inf") if bool(torch.isinf(abs_diff).any() | (torch.isnan(a) ^ torch.isnan(b)).any()) else max_abs
-    max_ulp = float(ulp_distance(a, b).max()) if a.dtype in _INT_VIEW else float("nan")
+    max_abs = float(abs_diff[finite].max()) if bool(finite.all()) else float("inf")
+    max_ulp = float(ulp_distance(a, b)[differs].max()) if a.dtype in _INT_VIEW else float("nan")
     return DiffSummary(tuple(a.shape), str(a.dtype), a.numel(), n_diff, first,
                        (float(a[first]), float(b[first])), max_abs, max_ulp)
