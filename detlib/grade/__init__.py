@@ -32,8 +32,9 @@ __all__ = [
 ]
 
 
-def check(key: str, candidate: Any) -> Result:
-    """Check the learner's ``candidate`` for exercise ``key`` here and now, and print the verdict."""
-    res = run_check(find(key), candidate)
-    print(format_result(res))
-    return res
+def check(key: str, candidate: Any) -> None:
+    """Check the learner's ``candidate`` for exercise ``key`` here and now, and print the verdict.
+
+    Returns nothing, so a check cell shows only the verdict; use :func:`run_check` for the result object.
+    """
+    print(format_result(run_check(find(key), candidate)))
