@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from detlib.engine import Completion, Engine, EngineStats, KernelMode, Request
 from detlib.grade import reference
 from detlib.model import Qwen3Model
@@ -70,6 +72,25 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+@reference
+def distinct_counts(completions: Sequence[Completion]) -> tuple[int, int]:
+    """``(distinct token sequences, distinct log-prob traces)``: traces compared bitwise, as float32 bytes."""
+    return len({tuple(c.tokens) for c in completions}), len({c.logprob_bits() for c in completions})
+
+
+@reference
+def near_tie(logits: torch.Tensor) -> tuple[int, int, float]:
+    """The two most likely tokens of one row of logits and the gap between their logits (``top1 - top2``).
+
+    A divergence between two completions happens where this gap is about as small as the rounding noise
+    that the batch changes: a few ulps of the logits.
+    """
+    if logits.dim() != 1 or logits.numel() < 2:
+        raise ValueError(f"near_tie needs one row of at least 2 logits, got shape {tuple(logits.shape)}")
+    top = torch.topk(logits.float(), 2)
+    return int(top.indices[0]), int(top.indices[1]), float(top.values[0] - top.values[1])
+
+
 @dataclass
 class ExperimentResult:
     """The fixed prompt's completions from one run, with the run's counters."""
@@ -85,12 +106,12 @@ class ExperimentResult:
 
     @property
     def n_distinct_completions(self) -> int:
-        return len(self.token_counts)
+        return distinct_counts(self.completions)[0]
 
     @property
     def n_distinct_traces(self) -> int:
         """Distinct log-prob traces, compared bitwise."""
-        return len({c.logprob_bits() for c in self.completions})
+        return distinct_counts(self.completions)[1]
 
     def divergence_positions(self) -> list[int]:
         """For each completion unlike the most common one, the token index where it first differs."""
@@ -160,3 +181,15 @@ def plot_results(results: Sequence[ExperimentResult], title: str = "One prompt a
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+@torch.no_grad()
+def logit_gaps(model: Qwen3Model, prompt: Sequence[int], completion: Sequence[int]) -> torch.Tensor:
+    """For each generated position, the gap between the two largest logits (teacher-forced, one forward).
+
+    Small gaps are where a few ulps of batch-dependent rounding can flip a greedy choice.
+    """
+    ids = torch.tensor([list(prompt) + list(completion)], device=model.embed_tokens.weight.device)
+    logits = model.forward_dense(ids)[0, len(prompt) - 1:len(prompt) - 1 + len(completion)].float()
+    top = torch.topk(logits, 2, dim=-1).values
+    return (top[:, 0] - top[:, 1]).cpu()
