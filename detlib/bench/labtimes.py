@@ -1,0 +1,49 @@
+"""How long each solution notebook takes to run top to bottom on this machine (the syllabus's time column)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from detlib.backend import is_interpreter
+from detlib.bench.record import record
+
+DESCRIPTION = "run every solution notebook headless and time it (workshop planning; --record saves data/)"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("notebooks", nargs="*", type=Path, help="notebooks to time (default: solutions/*.ipynb)")
+    p.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell")
+    p.add_argument("--record", action="store_true",
+                   help="write data/gpu/lab_times.json (or data/cpu/lab_times.json under the interpreter)")
+
+
+def time_notebook(path: Path, timeout: int) -> tuple[float, str | None]:
+    """Seconds to execute ``path`` in a fresh kernel, and the first error (``None`` when it ran clean)."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    start = time.perf_counter()
+    try:
+        client.execute()
+    except CellExecutionError as err:
+        return time.perf_counter() - start, str(err).strip().splitlines()[-1][:300]
+    return time.perf_counter() - start, None
+
+
+def main(args: argparse.Namespace) -> int:
+    paths = args.notebooks or sorted((ROOT / "solutions").glob("*.ipynb"))
+    rows = []
+    for path in paths:
+        seconds, error = time_notebook(path, args.timeout)
+        rows.append({"notebook": path.name, "seconds": round(seconds, 1), "error": error})
+        print(f"{path.name:<32} {seconds:7.1f} s  {'ok' if error is None else 'ERROR: ' + error}", flush=True)
+    if args.record:
+        where = record("lab_times", rows, subdir="cpu" if is_interpreter() else "gpu")
+        print("recorded", where)
+    return 1 if any(r["error"] for r in rows) else 0
