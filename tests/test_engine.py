@@ -90,7 +90,12 @@ def test_first_divergence() -> None:
 
 
 @pytest.mark.slow
-def test_invariant_kernels_give_one_logprob_trace_amid_traffic(model: Qwen3Model) -> None:
+def test_invariant_kernels_give_one_logprob_trace_amid_traffic() -> None:
+    # wide enough that fp32 F.linear on a CPU changes its bits with the number of rows
+    model = Qwen3Model(ModelConfig(vocab_size=128, hidden_size=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16,
+                                   intermediate_size=128, max_seq_len=96))
+    model.init_weights(0)
+    model.eval()
     pool = torch.randint(0, CFG.vocab_size, (1000,), generator=torch.Generator().manual_seed(1)).tolist()
     traffic = Traffic(n_fixed=6, n_other=10, max_new_tokens=6, arrival_window=10, other_prompt_len=(4, 20),
                       other_new_tokens=(2, 8), seed=3)
@@ -102,4 +107,4 @@ def test_invariant_kernels_give_one_logprob_trace_amid_traffic(model: Qwen3Model
                                    max_chunk=16, progress=False)
     assert len(default.completions) == len(invariant.completions) == 6
     assert invariant.n_distinct_traces == 1 and invariant.n_distinct_completions == 1
-    assert default.n_distinct_traces > 1  # fp32 F.linear on the CPU changes with the batch size
+    assert default.n_distinct_traces > 1  # default kernels: the bits follow the batch
