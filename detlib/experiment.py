@@ -21,6 +21,10 @@ from detlib.grade import reference
 from detlib.model import Qwen3Model
 
 
+#: The fixed prompt of the course's experiment (lab 08 and the recorded GPU run), in the corpus's play format.
+DEFAULT_PROMPT = "Romeo.\nTell me, good friar, what news of Juliet?\n"
+
+
 @dataclass(frozen=True)
 class Traffic:
     """How the experiment's requests arrive.

@@ -9,12 +9,12 @@ import torch
 
 import detlib
 from detlib.bench.record import record
+from detlib.experiment import DEFAULT_PROMPT as PROMPT
 from detlib.experiment import Traffic, corpus_token_pool, make_requests, run_experiment, variants_table
 from detlib.model import load_model
 from detlib.tokenizer import load_tokenizer
 
 DESCRIPTION = "N completions of one prompt amid random traffic, default vs invariant kernels (lab 08)"
-PROMPT = "ROMEO:\nWhat light is this that breaks upon the night?\n"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
