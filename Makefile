@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (detlab)" >/dev/null
 	touch $(STAMP)
 
@@ -21,6 +21,7 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab labs/
 
 test: $(STAMP)
+	sh tests/browser/ensure_chromium.sh
 	$(PY) -m pytest
 
 release: $(STAMP)
