@@ -478,5 +478,6 @@ def plot_overview(results: Sequence[Sweep], *, title: str, ax: Axes | None = Non
     step = max(1, len(sizes) // 24)
     ax.set_xticks(range(0, len(sizes), step), [str(s) for s in sizes[::step]], fontsize=7, rotation=90)
     ax.set_xlabel("batch size (blank: not tried)")
+    ax.set_ylabel("operation")
     ax.set_title(title)
     return ax

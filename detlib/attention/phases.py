@@ -90,5 +90,5 @@ def plot_ratios(rows: list[dict[str, object]], ax: plt.Axes, title: str) -> None
     ax.bar(x + 0.2, eager, width=0.4, label="Python call (launch included)", alpha=0.6)
     ax.axhline(0.8, color="k", ls="--", lw=1, label="target 0.8x")
     ax.set_xticks(x, labels, fontsize=6, rotation=90)
-    ax.set(title=title, ylabel="SDPA time / invariant time")
+    ax.set(title=title, xlabel="shape (phase, batch B, length L, heads/KV heads)", ylabel="SDPA time / invariant time")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
