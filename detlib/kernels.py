@@ -130,15 +130,17 @@ def _padded_sdpa(q: torch.Tensor, cache, cu_seqlens: torch.Tensor, slots: torch.
     q_pad = q.new_zeros(batch, max_q, q.shape[1], q.shape[2])
     q_pad[seq_of_token, row_of_token] = q
     index = slots.to(cache.k_cache.device).long()
-    # each KV head serves n_heads / n_kv_heads query heads (repeated here: SDPA's enable_gqa is slower on CPUs)
-    k = cache.k_cache[index, :, :max_kv].to(q.dtype).repeat_interleave(group, dim=1)
-    v = cache.v_cache[index, :, :max_kv].to(q.dtype).repeat_interleave(group, dim=1)
+    k = cache.k_cache[index, :, :max_kv].to(q.dtype)
+    v = cache.v_cache[index, :, :max_kv].to(q.dtype)
+    if not q.is_cuda:  # each KV head serves n_heads / n_kv_heads query heads; SDPA's enable_gqa is slower on CPUs
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     # query row i of sequence b sits at position kv_len - q_len + i and sees keys 0 .. that position;
     # padding rows see key 0 only (their output is dropped, but must not be NaN)
     rows = torch.arange(max_q, device=dev)[None, :]
     q_pos = torch.where(rows < q_lens[:, None], (kv - q_lens)[:, None] + rows, 0)
     mask = torch.arange(max_kv, device=dev)[None, None, :] <= q_pos[:, :, None]
-    out = F.scaled_dot_product_attention(q_pad.transpose(1, 2), k, v, attn_mask=mask[:, None], scale=scale)
+    out = F.scaled_dot_product_attention(q_pad.transpose(1, 2), k, v, attn_mask=mask[:, None], scale=scale,
+                                         enable_gqa=q.is_cuda)
     return out.transpose(1, 2)[seq_of_token, row_of_token]
 
 
