@@ -32,6 +32,10 @@ class Traffic:
     ``n_fixed`` copies of the fixed prompt and ``n_other`` random requests arrive at random steps in
     ``[0, arrival_window)``; other requests have prompts of ``other_prompt_len`` tokens (inclusive range)
     and generate ``other_new_tokens`` tokens. Everything random comes from ``seed``.
+
+    The fixed prompt is decoded greedily when ``temperature == 0``; otherwise every copy samples at that
+    temperature (nucleus ``top_p``) with one and the same seed, as a server does when a client pins its seed:
+    the copies then differ only where the batch moved a probability across the seeded draw.
     """
 
     n_fixed: int = 16
@@ -41,6 +45,8 @@ class Traffic:
     other_prompt_len: tuple[int, int] = (4, 48)
     other_new_tokens: tuple[int, int] = (4, 48)
     seed: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
 
 
 def corpus_token_pool(tokenizer, n_chars: int = 20_000, path: str | Path | None = None) -> list[int]:
@@ -52,12 +58,13 @@ def corpus_token_pool(tokenizer, n_chars: int = 20_000, path: str | Path | None 
 
 
 def make_requests(fixed_prompt: Sequence[int], pool: Sequence[int], traffic: Traffic) -> list[Request]:
-    """The fixed prompt ``traffic.n_fixed`` times (ids ``0..n_fixed-1``) plus random traffic, all greedy."""
+    """The fixed prompt ``traffic.n_fixed`` times (ids ``0..n_fixed-1``) plus random greedy traffic."""
     rng = random.Random(traffic.seed)
     if len(pool) <= traffic.other_prompt_len[1]:
         raise ValueError(f"token pool of {len(pool)} tokens is too short for prompts of up to "
                          f"{traffic.other_prompt_len[1]} tokens")
-    requests = [Request(i, tuple(fixed_prompt), traffic.max_new_tokens, rng.randrange(traffic.arrival_window))
+    requests = [Request(i, tuple(fixed_prompt), traffic.max_new_tokens, rng.randrange(traffic.arrival_window),
+                        temperature=traffic.temperature, top_p=traffic.top_p, seed=traffic.seed)
                 for i in range(traffic.n_fixed)]
     for j in range(traffic.n_other):
         n = rng.randint(*traffic.other_prompt_len)

@@ -25,7 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-budget", type=int, default=512, help="tokens per forward")
     p.add_argument("--max-chunk", type=int, default=128, help="largest prefill chunk")
     p.add_argument("--window", type=int, default=None, help="arrival window in steps (default: N // 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="traffic seed, and the one sampling seed of every copy")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy (the essay's setting); > 0: every copy samples with the same seed")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="model dtype (default: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--record", action="store_true", help="write data/gpu/determinism.json")
@@ -37,7 +40,8 @@ def main(args: argparse.Namespace) -> int:
     model = load_model(dtype=dtype, device=detlib.device(), tokenizer=tok)
     traffic = Traffic(n_fixed=args.n, n_other=args.n if args.other is None else args.other,
                       max_new_tokens=args.new_tokens, arrival_window=args.window or max(8, args.n // 4),
-                      other_prompt_len=(4, 96), other_new_tokens=(4, 96), seed=args.seed)
+                      other_prompt_len=(4, 96), other_new_tokens=(4, 96), seed=args.seed,
+                      temperature=args.temperature, top_p=args.top_p)
     requests = make_requests(tok.encode(PROMPT), corpus_token_pool(tok), traffic)
     engine_args = dict(n_fixed=args.n, num_slots=args.slots, token_budget=args.token_budget,
                        max_chunk=args.max_chunk)
@@ -57,6 +61,7 @@ def main(args: argparse.Namespace) -> int:
         for n, text in variants_table(res, tok.decode):
             print(f"  {n:5d}x {text!r}")
     if args.record:
+        name = "determinism" if args.temperature == 0 else "determinism_sampled"
         payload = {
             "prompt": PROMPT,
             "dtype": str(dtype),
@@ -74,5 +79,5 @@ def main(args: argparse.Namespace) -> int:
                 for mode, res in results.items()
             },
         }
-        print("recorded", record("determinism", payload))
+        print("recorded", record(name, payload))
     return 0

@@ -43,7 +43,8 @@ def main(args: argparse.Namespace) -> int:
         seconds, error = time_notebook(path, args.timeout)
         rows.append({"notebook": path.name, "seconds": round(seconds, 1), "error": error})
         print(f"{path.name:<32} {seconds:7.1f} s  {'ok' if error is None else 'ERROR: ' + error}", flush=True)
+        if args.record:  # after every notebook, so an interrupted run keeps what it measured
+            where = record("lab_times", rows, subdir="cpu" if is_interpreter() else "gpu")
     if args.record:
-        where = record("lab_times", rows, subdir="cpu" if is_interpreter() else "gpu")
         print("recorded", where)
     return 1 if any(r["error"] for r in rows) else 0
