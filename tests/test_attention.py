@@ -272,3 +272,27 @@ def test_prepared_batch_is_reused_and_checked() -> None:
     expect_bits(inv.run_prepared(batch.q, cache, prepared), full, "run_prepared vs invariant_attention")
     with pytest.raises(ValueError, match="prepared batch"):
         inv.run_prepared(batch.q[:-1], cache, prepared)
+
+
+@pytest.mark.parametrize("change", [{"tma": True}, {"acc_in_dot": True, "tma": True, "num_stages": 3}],
+                         ids=["tma", "tma_accumulate_in_dot"])
+def test_gpu_kernel_options_keep_phases_in_agreement(change: dict[str, object]) -> None:
+    """The GPU's options (TMA loads, p @ v added inside the matrix unit) run here too and agree in every phase."""
+    cfg = dataclasses.replace(CFG, **change)
+    batch = Batch([2 * cfg.split + 9, cfg.split + 1, 5], n_heads=6, n_kv_heads=2, head_dim=16, seed=6)
+    cache = batch.new_cache()
+    write_kv(cache, batch.k, batch.v, batch.cu, batch.slots, [0] * 3)
+    full = inv.attention_with_config(batch.q, cache, batch.cu, batch.slots, batch.lengths, scale=None, config=cfg)
+    ref = reference_attention(batch.q, cache, batch.cu, batch.slots, batch.lengths)
+    assert (full.double().cpu() - ref).abs().max().item() < TOL
+    decoded = torch.full_like(batch.q, float("nan"))
+    step_cache = batch.new_cache()
+    for pos in range(max(batch.lengths)):
+        seqs = [b for b, n in enumerate(batch.lengths) if pos < n]
+        rows = [batch.cu[b] + pos for b in seqs]
+        slots = [batch.slots[b] for b in seqs]
+        cu = list(range(len(seqs) + 1))
+        write_kv(step_cache, batch.k[rows], batch.v[rows], cu, slots, [pos] * len(seqs))
+        decoded[rows] = inv.attention_with_config(batch.q[rows], step_cache, cu, slots, [pos + 1] * len(seqs),
+                                                  scale=None, config=cfg)
+    expect_bits(decoded, full, f"decode vs full prefill with {change}")

@@ -67,6 +67,17 @@ def dot(a, b, FIXED_ORDER: tl.constexpr):
 
 
 @device_function
+def dot_acc(a, b, acc, FIXED_ORDER: tl.constexpr):
+    """``acc + a @ b``: on a GPU the matrix unit adds into ``acc`` itself (no second tile, one rounding less)."""
+    if FIXED_ORDER:
+        return acc + dot(a, b, FIXED_ORDER)
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@device_function
 def merge_weights(m_a, m_b):
     """Merge two softmax states with running maxima ``m_a``, ``m_b`` (log2 domain).
 

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from detlib._inputs import check_float_tensor, kernel_operand
-from detlib.attention._tl import device_function, dot, merge_weights, reduce_max, reduce_min, reduce_sum
+from detlib.attention._tl import device_function, dot, dot_acc, merge_weights, reduce_max, reduce_min, reduce_sum
 from detlib.attention.cache import IntsLike, KVCache, check_cu_seqlens, check_slots, host_ints
 from detlib.backend import is_interpreter
 
@@ -48,9 +48,14 @@ class KernelConfig:
     min_programs: int = 4
     # one program walks its splits in one loop over blocks (True) or one short loop per split (False)
     flat: bool = True
+    # p @ v added into the accumulator by the matrix unit (True) or computed apart and added (False)
+    acc_in_dot: bool = False
+    # unmasked key blocks read by the tensor-memory accelerator (TMA descriptors, Hopper and later)
+    tma: bool = False
 
 
-GPU_CONFIG = KernelConfig(block_m=64, block_n=64, split=256, num_warps=4, num_stages=2, min_programs=264)
+GPU_CONFIG = KernelConfig(block_m=64, block_n=64, split=256, num_warps=4, num_stages=3, min_programs=264,
+                          acc_in_dot=True)
 INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=16, split=32, min_programs=4)
 
 
@@ -60,16 +65,27 @@ def default_config() -> KernelConfig:
 
 
 @device_function
-def _block_step(q, m, l, acc, k_base, v_base, stride_kn, start, pos, pos_hi, qk_scale,
-                MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, FIXED_ORDER: tl.constexpr):
+def _block_step(q, m, l, acc, kv, start, pos, pos_hi, qk_scale,
+                MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, FIXED_ORDER: tl.constexpr,
+                ACC_IN_DOT: tl.constexpr, TMA: tl.constexpr, SPANS: tl.constexpr):
     """One block of keys ``start..start+BLOCK_N`` folded into each row's online-softmax state.
 
     Unmasked when every row of the tile sees every key of the block; masked otherwise, where a row's
     keys after its position score ``-inf`` and a row that sees none of the block keeps its state.
+    Only a tile whose positions ``SPANS`` several blocks has such rows; otherwise every real row of a
+    masked block sees at least its first key and the selects are left out (they cost registers).
+    ``kv``: ``(k_base, v_base, stride_kn, k_desc, v_desc, row0)``, the sequence's keys and values as
+    pointers and (``TMA``) as descriptor rows ``row0 + position``; the loads return the same values.
     """
+    k_base, v_base, stride_kn, k_desc, v_desc, row0 = kv
     keys = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    if MASKED:
+    if TMA:  # rows past the context may be another sequence's or garbage: their scores and values are cut
+        kt = k_desc.load([row0 + start, 0]).T
+        v = v_desc.load([row0 + start, 0])
+        if MASKED:
+            v = tl.where((keys <= pos_hi)[:, None], v, 0.0)
+    elif MASKED:
         in_ctx = keys <= pos_hi
         kt = tl.load(k_base + keys[None, :] * stride_kn + offs_d[:, None], mask=in_ctx[None, :], other=0.0)
         v = tl.load(v_base + keys[:, None] * stride_kn + offs_d[None, :], mask=in_ctx[:, None], other=0.0)
@@ -84,8 +100,11 @@ def _block_step(q, m, l, acc, k_base, v_base, stride_kn, start, pos, pos_hi, qk_
     alpha = tl.exp2(m - m_safe)
     p = tl.exp2(tl.fma(s, qk_scale, -m_safe[:, None]))
     l_new = l * alpha + reduce_sum(p, 1)
-    acc_new = acc * alpha[:, None] + dot(p.to(v.dtype), v, FIXED_ORDER)
-    if MASKED:
+    if ACC_IN_DOT:
+        acc_new = dot_acc(p.to(v.dtype), v, acc * alpha[:, None], FIXED_ORDER)
+    else:
+        acc_new = acc * alpha[:, None] + dot(p.to(v.dtype), v, FIXED_ORDER)
+    if MASKED and SPANS:
         sees = start <= pos
         m_new = tl.where(sees, m_new, m)
         l_new = tl.where(sees, l_new, l)
@@ -94,8 +113,9 @@ def _block_step(q, m, l, acc, k_base, v_base, stride_kn, start, pos, pos_hi, qk_
 
 
 @device_function
-def _split_state(q, k_base, v_base, stride_kn, lo, hi, pos, pos_lo, pos_hi, qk_scale,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, FIXED_ORDER: tl.constexpr):
+def _split_state(q, kv, lo, hi, pos, pos_lo, pos_hi, qk_scale,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, FIXED_ORDER: tl.constexpr,
+                 ACC_IN_DOT: tl.constexpr, TMA: tl.constexpr, SPANS: tl.constexpr):
     """Online softmax of every row over keys ``lo..hi`` (one split), from an empty state."""
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.full([BLOCK_M], 0.0, tl.float32)
@@ -103,28 +123,32 @@ def _split_state(q, k_base, v_base, stride_kn, lo, hi, pos, pos_lo, pos_hi, qk_s
     # blocks that every row sees in full need no mask; the same arithmetic either way
     full_hi = tl.maximum(tl.minimum(hi, ((pos_lo + 1) // BLOCK_N) * BLOCK_N), lo)
     for start in range(lo, full_hi, BLOCK_N):
-        m, l, acc = _block_step(q, m, l, acc, k_base, v_base, stride_kn, start, pos, pos_hi, qk_scale,
-                                False, BLOCK_N, HEAD_DIM, FIXED_ORDER)
+        m, l, acc = _block_step(q, m, l, acc, kv, start, pos, pos_hi, qk_scale,
+                                False, BLOCK_N, HEAD_DIM, FIXED_ORDER, ACC_IN_DOT, TMA, SPANS)
     for start in range(full_hi, hi, BLOCK_N):
-        m, l, acc = _block_step(q, m, l, acc, k_base, v_base, stride_kn, start, pos, pos_hi, qk_scale,
-                                True, BLOCK_N, HEAD_DIM, FIXED_ORDER)
+        m, l, acc = _block_step(q, m, l, acc, kv, start, pos, pos_hi, qk_scale,
+                                True, BLOCK_N, HEAD_DIM, FIXED_ORDER, ACC_IN_DOT, TMA, SPANS)
     return m, l, acc
 
 
 @device_function
-def _fold(m_run, l_run, acc_run, m, l, acc, take):
-    """Merge a split's state into the running one, in the rows where ``take``: the one merge formula."""
+def _fold(m_run, l_run, acc_run, m, l, acc, take, SELECT: tl.constexpr):
+    """Merge a split's state into the running one, in the rows where ``take``: the one merge formula.
+
+    Without ``SELECT`` every row takes the merge (the caller knows that every real row saw the split).
+    """
     m_new, w_run, w_split = merge_weights(m_run, m)
-    l_run = tl.where(take, l_run * w_run + l * w_split, l_run)
-    acc_run = tl.where(take[:, None], acc_run * w_run[:, None] + acc * w_split[:, None], acc_run)
-    m_run = tl.where(take, m_new, m_run)
-    return m_run, l_run, acc_run
+    l_new = l_run * w_run + l * w_split
+    acc_new = acc_run * w_run[:, None] + acc * w_split[:, None]
+    if SELECT:
+        return tl.where(take, m_new, m_run), tl.where(take, l_new, l_run), tl.where(take[:, None], acc_new, acc_run)
+    return m_new, l_new, acc_new
 
 
 @device_function
-def _attend_flat(q, k_base, v_base, stride_kn, pos, pos_lo, pos_hi, qk_scale,
+def _attend_flat(q, kv, pos, pos_lo, pos_hi, qk_scale,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
-                 FIXED_ORDER: tl.constexpr):
+                 FIXED_ORDER: tl.constexpr, ACC_IN_DOT: tl.constexpr, TMA: tl.constexpr, SPANS: tl.constexpr):
     """Every split of keys ``0..pos_hi``, in two long loops over blocks (unmasked, then masked).
 
     The state restarts at each split boundary and is folded into the running one as the split ends:
@@ -139,18 +163,18 @@ def _attend_flat(q, k_base, v_base, stride_kn, pos, pos_lo, pos_hi, qk_scale,
     hi = pos_hi + 1
     full_hi = tl.minimum(hi, ((pos_lo + 1) // BLOCK_N) * BLOCK_N)
     for start in range(0, full_hi, BLOCK_N):
-        m, l, acc = _block_step(q, m, l, acc, k_base, v_base, stride_kn, start, pos, pos_hi, qk_scale,
-                                False, BLOCK_N, HEAD_DIM, FIXED_ORDER)
+        m, l, acc = _block_step(q, m, l, acc, kv, start, pos, pos_hi, qk_scale,
+                                False, BLOCK_N, HEAD_DIM, FIXED_ORDER, ACC_IN_DOT, TMA, SPANS)
         if ((start + BLOCK_N) % SPLIT == 0) | (start + BLOCK_N >= hi):
-            m_run, l_run, acc_run = _fold(m_run, l_run, acc_run, m, l, acc, pos >= start // SPLIT * SPLIT)
+            m_run, l_run, acc_run = _fold(m_run, l_run, acc_run, m, l, acc, pos >= start // SPLIT * SPLIT, False)
             m = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l = tl.full([BLOCK_M], 0.0, tl.float32)
             acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     for start in range(full_hi, hi, BLOCK_N):
-        m, l, acc = _block_step(q, m, l, acc, k_base, v_base, stride_kn, start, pos, pos_hi, qk_scale,
-                                True, BLOCK_N, HEAD_DIM, FIXED_ORDER)
+        m, l, acc = _block_step(q, m, l, acc, kv, start, pos, pos_hi, qk_scale,
+                                True, BLOCK_N, HEAD_DIM, FIXED_ORDER, ACC_IN_DOT, TMA, SPANS)
         if ((start + BLOCK_N) % SPLIT == 0) | (start + BLOCK_N >= hi):
-            m_run, l_run, acc_run = _fold(m_run, l_run, acc_run, m, l, acc, pos >= start // SPLIT * SPLIT)
+            m_run, l_run, acc_run = _fold(m_run, l_run, acc_run, m, l, acc, pos >= start // SPLIT * SPLIT, SPANS)
             m = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l = tl.full([BLOCK_M], 0.0, tl.float32)
             acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
@@ -158,19 +182,20 @@ def _attend_flat(q, k_base, v_base, stride_kn, pos, pos_lo, pos_hi, qk_scale,
 
 
 @triton.jit
-def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_acc_ptr, ws_ml_ptr, meta_ptr,
+def _attn_kernel(q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, ws_acc_ptr, ws_ml_ptr, meta_ptr,
                  n_tiles, batch, qk_scale,
                  stride_qt, stride_qh, stride_ks, stride_kh, stride_kn, stride_ot, stride_oh,
                  stride_wt, stride_wh, stride_ws,
                  G: tl.constexpr, GT: tl.constexpr, TM: tl.constexpr, N_HEAD_TILES: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
-                 SPLIT_PER_PROGRAM: tl.constexpr, FLAT: tl.constexpr, FIXED_ORDER: tl.constexpr):
+                 SPLIT_PER_PROGRAM: tl.constexpr, FLAT: tl.constexpr, FIXED_ORDER: tl.constexpr,
+                 ACC_IN_DOT: tl.constexpr, TMA: tl.constexpr, SPANS: tl.constexpr):
     """Attention of one tile of query rows over one KV head (all splits, or split ``program_id(2)``).
 
     Rows are (query token, query head of the KV head's group) pairs; the tile covers positions
     ``tile * TM .. tile * TM + TM - 1`` of its sequence, so a token's row depends on its position only.
     ``meta`` holds, as int32: tile_seq[n_tiles], tile_idx[n_tiles], cu_seqlens[batch+1], slots[batch],
-    kv_lens[batch].
+    kv_lens[batch].  ``k_desc``/``v_desc`` (``TMA`` only): the caches as ``[rows, HEAD_DIM]`` descriptors.
     """
     tile = tl.program_id(0)
     kvh = tl.program_id(1) // N_HEAD_TILES
@@ -197,14 +222,16 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_acc_ptr, ws_ml_ptr, meta_ptr,
     pos_hi = reduce_max(tl.where(valid, pos, -1), 0)
     k_base = k_ptr + slot.to(tl.int64) * stride_ks + kvh * stride_kh
     v_base = v_ptr + slot.to(tl.int64) * stride_ks + kvh * stride_kh
+    row0 = ((slot.to(tl.int64) * stride_ks + kvh * stride_kh) // stride_kn).to(tl.int32)  # descriptor row of key 0
+    kv = (k_base, v_base, stride_kn, k_desc, v_desc, row0)
 
     if SPLIT_PER_PROGRAM:
         sp = tl.program_id(2)
         lo = sp * SPLIT
         if lo <= pos_hi:
             hi = tl.minimum(lo + SPLIT, pos_hi + 1)
-            m, l, acc = _split_state(q, k_base, v_base, stride_kn, lo, hi, pos, pos_lo, pos_hi, qk_scale,
-                                     BLOCK_M, BLOCK_N, HEAD_DIM, FIXED_ORDER)
+            m, l, acc = _split_state(q, kv, lo, hi, pos, pos_lo, pos_hi, qk_scale,
+                                     BLOCK_M, BLOCK_N, HEAD_DIM, FIXED_ORDER, ACC_IN_DOT, TMA, SPANS)
             keep = valid & (pos >= lo)
             w = q_row.to(tl.int64) * stride_wt + head * stride_wh + sp * stride_ws
             tl.store(ws_acc_ptr + w[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=keep[:, None])
@@ -212,17 +239,17 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ws_acc_ptr, ws_ml_ptr, meta_ptr,
             tl.store(ws_ml_ptr + 2 * w + 1, l, mask=keep)
     else:
         if FLAT:
-            m_run, l_run, acc_run = _attend_flat(q, k_base, v_base, stride_kn, pos, pos_lo, pos_hi, qk_scale,
-                                                 BLOCK_M, BLOCK_N, HEAD_DIM, SPLIT, FIXED_ORDER)
+            m_run, l_run, acc_run = _attend_flat(q, kv, pos, pos_lo, pos_hi, qk_scale,
+                                                 BLOCK_M, BLOCK_N, HEAD_DIM, SPLIT, FIXED_ORDER, ACC_IN_DOT, TMA, SPANS)
         else:
             m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_run = tl.full([BLOCK_M], 0.0, tl.float32)
             acc_run = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
             for lo in range(0, pos_hi + 1, SPLIT):
                 hi = tl.minimum(lo + SPLIT, pos_hi + 1)
-                m, l, acc = _split_state(q, k_base, v_base, stride_kn, lo, hi, pos, pos_lo, pos_hi, qk_scale,
-                                         BLOCK_M, BLOCK_N, HEAD_DIM, FIXED_ORDER)
-                m_run, l_run, acc_run = _fold(m_run, l_run, acc_run, m, l, acc, pos >= lo)
+                m, l, acc = _split_state(q, kv, lo, hi, pos, pos_lo, pos_hi, qk_scale,
+                                         BLOCK_M, BLOCK_N, HEAD_DIM, FIXED_ORDER, ACC_IN_DOT, TMA, SPANS)
+                m_run, l_run, acc_run = _fold(m_run, l_run, acc_run, m, l, acc, pos >= lo, SPANS)
         out = acc_run / tl.where(l_run > 0, l_run, 1.0)[:, None]  # padding rows saw nothing: no 0/0
         tl.store(o_ptr + q_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=valid[:, None])
@@ -248,7 +275,7 @@ def _merge_kernel(ws_acc_ptr, ws_ml_ptr, o_ptr, tok_pos_ptr,
         m = tl.load(ws_ml_ptr + 2 * w, mask=ok, other=float("-inf"))
         l = tl.load(ws_ml_ptr + 2 * w + 1, mask=ok, other=0.0)
         acc = tl.load(ws_acc_ptr + w[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
-        m_run, l_run, acc_run = _fold(m_run, l_run, acc_run, m, l, acc, ok)
+        m_run, l_run, acc_run = _fold(m_run, l_run, acc_run, m, l, acc, ok, True)
     out = acc_run / tl.where(l_run > 0, l_run, 1.0)[:, None]
     tl.store(o_ptr + t * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=ok[:, None])
@@ -377,6 +404,16 @@ def prepare_batch(cache: KVCache, n_tokens: int, n_heads: int, cu_seqlens: IntsL
     return PreparedBatch(plan, config, n_tokens, n_heads, cache.n_kv_heads, cache.max_len, batch, meta, tok_pos)
 
 
+def _descriptors(k: torch.Tensor, v: torch.Tensor, config: KernelConfig) -> tuple[object, object]:
+    """The caches as ``[slots * kv_heads * max_len, head_dim]`` TMA descriptors of ``block_n``-key tiles."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows, head_dim = k.numel() // k.shape[-1], k.shape[-1]
+    if rows >= 2**31:
+        raise ValueError(f"a KV cache of {rows} rows is too large for TMA descriptors (int32 rows); use tma=False")
+    return tuple(TensorDescriptor.from_tensor(t.view(rows, head_dim), [config.block_n, head_dim]) for t in (k, v))
+
+
 def run_prepared(q: torch.Tensor, cache: KVCache, prepared: PreparedBatch, *, scale: float | None = None
                  ) -> torch.Tensor:
     """Launch the attention of a prepared batch: no host-side work beyond the kernel launches."""
@@ -402,13 +439,15 @@ def run_prepared(q: torch.Tensor, cache: KVCache, prepared: PreparedBatch, *, sc
         ws_acc = ws_ml = o  # unused by this plan
         ws_strides = (0, 0, 0)
     grid = (plan.n_tiles, cache.n_kv_heads * plan.n_head_tiles, plan.max_splits if plan.split_per_program else 1)
+    k_desc, v_desc = _descriptors(kk, vv, config) if config.tma else (kk, vv)
     _attn_kernel[grid](
-        qk, kk, vv, o, ws_acc, ws_ml, prepared.meta, plan.n_tiles, prepared.batch, scale * LOG2E,
+        qk, kk, vv, k_desc, v_desc, o, ws_acc, ws_ml, prepared.meta, plan.n_tiles, prepared.batch, scale * LOG2E,
         qk.stride(0), qk.stride(1), kk.stride(0), kk.stride(1), kk.stride(2), o.stride(0), o.stride(1),
         *ws_strides,
         G=group, GT=plan.heads_per_tile, TM=plan.tokens_per_tile, N_HEAD_TILES=plan.n_head_tiles,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_DIM=head_dim, SPLIT=config.split,
         SPLIT_PER_PROGRAM=plan.split_per_program, FLAT=config.flat, FIXED_ORDER=is_interpreter(),
+        ACC_IN_DOT=config.acc_in_dot, TMA=config.tma, SPANS=config.block_n % plan.tokens_per_tile != 0,
         num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False,
     )
     if plan.split_per_program:
