@@ -6,8 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-from detlib.backend import is_interpreter
-from detlib.bench.record import record
+from detlib.backend import environment, is_interpreter
+from detlib.bench.record import load, record
 
 DESCRIPTION = "run every solution notebook headless and time it (workshop planning; --record saves data/)"
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,7 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("notebooks", nargs="*", type=Path, help="notebooks to time (default: solutions/*.ipynb)")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell")
     p.add_argument("--record", action="store_true",
-                   help="write data/gpu/lab_times.json (or data/cpu/lab_times.json under the interpreter)")
+                   help="write data/gpu/lab_times.json (or data/cpu/lab_times.json under the interpreter), keeping "
+                        "the recorded times of notebooks not run this time when they were taken on the same device")
 
 
 def time_notebook(path: Path, timeout: int) -> tuple[float, str | None]:
@@ -33,7 +34,22 @@ def time_notebook(path: Path, timeout: int) -> tuple[float, str | None]:
         client.execute()
     except CellExecutionError as err:
         return time.perf_counter() - start, str(err).strip().splitlines()[-1][:300]
+    except Exception as err:  # noqa: BLE001 - a dead kernel or a timeout is this notebook's result, not the end
+        return time.perf_counter() - start, f"{type(err).__name__}: {err}".strip()[:300]
     return time.perf_counter() - start, None
+
+
+def merged_with_record(rows: list[dict[str, object]], subdir: str) -> list[dict[str, object]]:
+    """``rows`` plus the recorded rows of notebooks not run this time, when recorded on the same device."""
+    try:
+        old = load("lab_times", subdir=subdir)
+    except FileNotFoundError:
+        return rows
+    if old["environment"].get("device_name") != environment().device_name:
+        return rows
+    ran = {r["notebook"] for r in rows}
+    kept = [r for r in old["results"] if r["notebook"] not in ran]
+    return sorted(kept + rows, key=lambda r: str(r["notebook"]))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -44,7 +60,8 @@ def main(args: argparse.Namespace) -> int:
         rows.append({"notebook": path.name, "seconds": round(seconds, 1), "error": error})
         print(f"{path.name:<32} {seconds:7.1f} s  {'ok' if error is None else 'ERROR: ' + error}", flush=True)
         if args.record:  # after every notebook, so an interrupted run keeps what it measured
-            where = record("lab_times", rows, subdir="cpu" if is_interpreter() else "gpu")
+            subdir = "cpu" if is_interpreter() else "gpu"
+            where = record("lab_times", merged_with_record(rows, subdir), subdir=subdir)
     if args.record:
         print("recorded", where)
     return 1 if any(r["error"] for r in rows) else 0

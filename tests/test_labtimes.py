@@ -1,0 +1,45 @@
+"""Tests of ``python -m detlib.bench labtimes``: a notebook that fails or kills its kernel is a result, not a crash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from detlib.bench import labtimes
+
+
+def _notebook(tmp_path: Path, name: str, code: str) -> Path:
+    path = tmp_path / name
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.notebook
+def test_a_dead_kernel_and_a_failing_cell_are_reported(tmp_path: Path) -> None:
+    seconds, error = labtimes.time_notebook(_notebook(tmp_path, "ok.ipynb", "x = 1 + 1"), timeout=60)
+    assert error is None and seconds > 0
+    _, error = labtimes.time_notebook(_notebook(tmp_path, "fails.ipynb", "raise ValueError('boom')"), timeout=60)
+    assert error is not None and "boom" in error
+    _, error = labtimes.time_notebook(_notebook(tmp_path, "dies.ipynb", "import os\nos._exit(1)"), timeout=60)
+    assert error is not None and "Dead" in error, error
+
+
+def test_recorded_rows_of_notebooks_not_run_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    old = {"environment": {"device_name": "GPU A"},
+           "results": [{"notebook": "00.ipynb", "seconds": 1.0, "error": None},
+                       {"notebook": "01.ipynb", "seconds": 2.0, "error": None}]}
+    monkeypatch.setattr(labtimes, "load", lambda name, subdir: old)
+
+    class Env:
+        device_name = "GPU A"
+
+    monkeypatch.setattr(labtimes, "environment", lambda: Env())
+    rows = [{"notebook": "01.ipynb", "seconds": 5.0, "error": None}, {"notebook": "02.ipynb", "seconds": 3.0, "error": None}]
+    merged = labtimes.merged_with_record(rows, "gpu")
+    assert [(r["notebook"], r["seconds"]) for r in merged] == [("00.ipynb", 1.0), ("01.ipynb", 5.0), ("02.ipynb", 3.0)]
+    Env.device_name = "GPU B"  # another device: its old times do not mix with these
+    assert labtimes.merged_with_record(rows, "gpu") == rows
