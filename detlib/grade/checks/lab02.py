@@ -12,6 +12,10 @@ from detlib.backend import device, is_interpreter
 from detlib.grade.harness import CheckFailed, call, expect_tensor
 from detlib.grade.spec import exercise
 from detlib.numerics import diff_summary
+from detlib.reduce import tree_sum as _tree_sum_ref
+
+_reference_tree = _tree_sum_ref.__wrapped__  # type: ignore[attr-defined]  # unguarded: the check's own tree
+_TREE_BLOCKS = tuple(2**k for k in range(4, 14))
 
 _ORDERS = ("hardware", "reversed", "random", "random", "random", "random")
 
@@ -111,3 +115,20 @@ def check_tree_sum(tree_sum: Callable[..., torch.Tensor]) -> None:
             raise CheckFailed(f"tree_sum(x, {order!r}) for n = {n} (seed {seed}) is not bitwise equal to "
                               f"tree_sum(x, 'hardware'): the sum depends on the order the programs run in",
                               "no program may add into another's result: store each block's sum in its own slot")
+    # the tree itself: blocks of one power-of-two size summed with tl.sum, level after level (torch's own
+    # sum is order-independent too, but it is not this tree).  Values over six decades make the block size
+    # show in the bits; one block size must explain every vector.  Only under the interpreter: there tl.sum
+    # of a block has one order; on a GPU it follows the kernel's warps, which a correct answer may choose.
+    if is_interpreter():
+        sizes_left = set(_TREE_BLOCKS)
+        for _ in range(6):
+            x = (torch.randn(n, generator=gen) * 10.0 ** (6 * torch.rand(n, generator=gen))).to(device())
+            got = expect_tensor(call(tree_sum, x, "hardware"), shape=(), dtype=torch.float32,
+                                what=f"tree_sum(x, 'hardware') for n = {n}")
+            sizes_left = {b for b in sizes_left if diff_summary(got, _reference_tree(x, block=b)).n_different == 0}
+            if not sizes_left:
+                raise CheckFailed(f"tree_sum for n = {n} (seed {seed}) is not the fixed tree of the exercise: no "
+                                  f"block size from {min(_TREE_BLOCKS)} to {max(_TREE_BLOCKS)}, summed with tl.sum "
+                                  "level after level, gives its bits on every test vector",
+                                  "sum each BLOCK-element block with tl.sum in tree_sum_kernel, then the partials "
+                                  "the same way; torch's x.sum() is not the exercise")
