@@ -149,15 +149,16 @@ def _fold(m_run, l_run, acc_run, m, l, acc, take, SELECT: tl.constexpr):
 def _walk_blocks(q, kv, m_run, l_run, acc_run, m, l, acc, lo, stop, hi, pos, pos_hi, qk_scale,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr,
                  FIXED_ORDER: tl.constexpr, ACC_IN_DOT: tl.constexpr, TMA: tl.constexpr, SPANS: tl.constexpr,
-                 MASKED: tl.constexpr):
-    """Blocks ``lo..stop`` of keys ``0..hi`` (all masked or none), each split folded in as it ends."""
+                 MASKED: tl.constexpr, SELECT: tl.constexpr):
+    """Blocks ``lo..stop`` of keys ``0..hi`` (all masked or none), each split folded in as it ends.
+
+    ``SELECT``: some rows may have seen nothing of a split (masked blocks of tiles that span blocks).
+    """
     for start in range(lo, stop, BLOCK_N):
         m, l, acc = _block_step(q, m, l, acc, kv, start, pos, pos_hi, qk_scale,
                                 MASKED, BLOCK_N, HEAD_DIM, FIXED_ORDER, ACC_IN_DOT, TMA, SPANS)
         if ((start + BLOCK_N) % SPLIT == 0) | (start + BLOCK_N >= hi):
-            # only a masked block can have rows that saw nothing of the split (and only if tiles span blocks)
-            m_run, l_run, acc_run = _fold(m_run, l_run, acc_run, m, l, acc, pos >= start // SPLIT * SPLIT,
-                                          MASKED and SPANS)
+            m_run, l_run, acc_run = _fold(m_run, l_run, acc_run, m, l, acc, pos >= start // SPLIT * SPLIT, SELECT)
             m = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l = tl.full([BLOCK_M], 0.0, tl.float32)
             acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
@@ -183,10 +184,10 @@ def _attend_flat(q, kv, pos, pos_lo, pos_hi, qk_scale,
     full_hi = tl.minimum(hi, ((pos_lo + 1) // BLOCK_N) * BLOCK_N)
     m_run, l_run, acc_run, m, l, acc = _walk_blocks(
         q, kv, m_run, l_run, acc_run, m, l, acc, 0, full_hi, hi, pos, pos_hi, qk_scale,
-        BLOCK_M, BLOCK_N, HEAD_DIM, SPLIT, FIXED_ORDER, ACC_IN_DOT, TMA, SPANS, False)
+        BLOCK_M, BLOCK_N, HEAD_DIM, SPLIT, FIXED_ORDER, ACC_IN_DOT, TMA, SPANS, False, False)
     m_run, l_run, acc_run, m, l, acc = _walk_blocks(
         q, kv, m_run, l_run, acc_run, m, l, acc, full_hi, hi, hi, pos, pos_hi, qk_scale,
-        BLOCK_M, BLOCK_N, HEAD_DIM, SPLIT, FIXED_ORDER, ACC_IN_DOT, TMA, SPANS, True)
+        BLOCK_M, BLOCK_N, HEAD_DIM, SPLIT, FIXED_ORDER, ACC_IN_DOT, TMA, SPANS, True, SPANS)
     return m_run, l_run, acc_run
 
 
