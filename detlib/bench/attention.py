@@ -354,13 +354,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"SDPA {r['backend']} decode over batch sizes: {r['distinct']} distinct results", flush=True)
     results["teaching_split_kv"] = teaching_report(gpu)
     print("teaching split-KV decode:", results["teaching_split_kv"]["rows"], flush=True)
-    ok = [n for n in checks if all(c["bitwise_ok"] for c in checks[n])]
+    ok = [n for n in full if all(c["bitwise_ok"] for c in checks[n])]  # explored ones are reported, not chosen
     chosen = "default"
     if gpu:
         runnable = {n: c for n, c in {**full, **explore}.items() if "error" not in checks[n][0]}
         rows = timing(runnable, PREFILL_SHAPES, DECODE_SHAPES)
         per_config = {name: flatten(rows, name) for name in runnable}
-        ranked = [n for n in ok if n in per_config and n in full]  # explored ones are reported, not chosen
+        ranked = [n for n in ok if n in per_config]
         chosen = max(ranked, key=lambda n: _score(per_config[n])) if ranked else chosen
         results["candidates"] = {
             n: {"config": dataclasses.asdict(c), "fully_checked": n in full,
