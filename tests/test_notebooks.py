@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
@@ -34,26 +36,80 @@ def test_notebook_is_stored_clean(path: Path) -> None:
             assert cell.get("execution_count") is None, f"cell {i} has an execution count"
 
 
-@pytest.mark.notebook
-@pytest.mark.parametrize("path", SOLUTIONS, ids=_ids(SOLUTIONS))
-def test_solution_runs_headless_within_budget(path: Path, tmp_path: Path) -> None:
+def _cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system) the process has used so far, from /proc; None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Run:
+    """One headless run of a notebook: total wall time and, per code cell, wall and kernel CPU seconds."""
+
+    nb: nbformat.NotebookNode
+    seconds: float
+    cells: list[tuple[int, float, float | None]] = field(default_factory=list)
+
+    def errors(self) -> list[dict]:
+        return [o for c in self.nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                if o.get("output_type") == "error"]
+
+    def slowest(self, n: int = 3) -> str:
+        """The n slowest cells: where the time went (a wall time far above its CPU time is a wait, not work)."""
+        rows = sorted(self.cells, key=lambda c: -c[1])[:n]
+        return "; ".join(f"cell {i}: {wall:.1f} s wall" + (f", {cpu:.1f} s CPU" if cpu is not None else "")
+                         for i, wall, cpu in rows)
+
+
+def _run(path: Path, budget_s: float) -> Run:
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    budget_s = 60 * float(nb.metadata["detlab"]["cpu_minutes"])
+    run = Run(nb, 0.0)
+    marks: dict[str, float | None] = {}
+
+    def started(cell, cell_index, **_) -> None:
+        marks.update(wall=time.perf_counter(), cpu=_cpu_seconds(getattr(client.km.provisioner, "pid", None)))
+
+    def executed(cell, cell_index, **_) -> None:
+        cpu = _cpu_seconds(getattr(client.km.provisioner, "pid", None))
+        used = cpu - marks["cpu"] if cpu is not None and marks["cpu"] is not None else None
+        run.cells.append((cell_index, time.perf_counter() - marks["wall"], used))
+
     client = NotebookClient(
         nb,
-        timeout=int(budget_s * SLACK) + 60,  # per cell; the total is asserted below
+        timeout=int(budget_s * SLACK) + 60,  # per cell; the total is asserted by the caller
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
+        on_cell_start=started,
+        on_cell_executed=executed,
     )
     start = time.perf_counter()
     client.execute()
-    elapsed = time.perf_counter() - start
-    errors = [
-        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"
-    ]
-    assert not errors, errors[0]
-    assert elapsed <= budget_s * SLACK, f"{path.name} took {elapsed:.0f} s, budget {budget_s:.0f} s (x{SLACK})"
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", SOLUTIONS, ids=_ids(SOLUTIONS))
+def test_solution_runs_headless_within_budget(path: Path) -> None:
+    """Runs clean, within budget x SLACK. A run over budget is repeated once in a fresh kernel: a machine that
+    stalls for minutes (seen once in CI: lab 03 took 300 s, against 8-21 s on every other run) must not fail
+    the course, a notebook that is slow every time must. Either way the slow cells are named."""
+    budget_s = 60 * float(nbformat.read(path, as_version=4).metadata["detlab"]["cpu_minutes"])
+    run = _run(path, budget_s)
+    assert not run.errors(), run.errors()[0]
+    if run.seconds > budget_s * SLACK:
+        first = run
+        run = _run(path, budget_s)
+        assert not run.errors(), run.errors()[0]
+        assert run.seconds <= budget_s * SLACK, (
+            f"{path.name} took {first.seconds:.0f} s, then {run.seconds:.0f} s again, budget {budget_s:.0f} s "
+            f"(x{SLACK}); slowest cells: {run.slowest()}")
+        warnings.warn(f"{path.name}: a first run took {first.seconds:.0f} s (slowest cells: {first.slowest()}), "
+                      f"the re-run {run.seconds:.0f} s, within its budget of {budget_s:.0f} s (x{SLACK})")
     (ROOT / "artifacts" / "notebooks").mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, ROOT / "artifacts" / "notebooks" / path.name)  # executed copy, for looking at in CI logs
+    nbformat.write(run.nb, ROOT / "artifacts" / "notebooks" / path.name)  # executed copy, for looking at in CI logs
