@@ -24,8 +24,21 @@ def test_a_dead_kernel_and_a_failing_cell_are_reported(tmp_path: Path) -> None:
     assert error is None and seconds > 0
     _, error = labtimes.time_notebook(_notebook(tmp_path, "fails.ipynb", "raise ValueError('boom')"), timeout=60)
     assert error is not None and "boom" in error
+    _, error = labtimes.time_notebook(_notebook(tmp_path, "asserts.ipynb", "import json\njson.loads(None)"), timeout=60)
+    assert error is not None and error.startswith("TypeError") and "json/__init__.py" in error, error
     _, error = labtimes.time_notebook(_notebook(tmp_path, "dies.ipynb", "import os\nos._exit(1)"), timeout=60)
     assert error is not None and "Dead" in error, error
+
+
+def test_a_cell_error_names_the_frame_it_came_from() -> None:
+    traceback = ("\x1b[31m---------\x1b[39m\nAssertionError                Traceback (most recent call last)\n"
+                 "Cell \x1b[32mIn[3], line 2\x1b[39m\n----> 2 f()\n"
+                 "File \x1b[32m/opt/site/triton/runtime/jit.py:712, in JITFunction.run\x1b[39m\x1b[34m(self, grid)\x1b[39m\n"
+                 "--> 712 assert grid is not None\n\x1b[31mAssertionError\x1b[39m: ")
+    assert labtimes.cell_error("AssertionError", "", traceback) == (
+        "AssertionError: (File /opt/site/triton/runtime/jit.py:712, in JITFunction.run)")
+    assert labtimes.cell_error("ValueError", "boom", "Cell In[1], line 1\n") == "ValueError: boom (Cell In[1], line 1)"
+    assert labtimes.cell_error("ValueError", "boom", "") == "ValueError: boom"
 
 
 def test_recorded_rows_of_notebooks_not_run_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:

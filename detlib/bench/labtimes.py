@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 
@@ -21,6 +22,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the recorded times of notebooks not run this time when they were taken on the same device")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_FRAME = re.compile(r"^(File \S+:\d+, in \S+?)\(|^(Cell In\[\d+\], line \d+)", re.MULTILINE)
+
+
+def cell_error(ename: str, evalue: str, traceback: str) -> str:
+    """One line for a failed cell: the exception, and the innermost frame it came from (a bare
+    ``AssertionError:`` says nothing until one knows whose assert it was)."""
+    frames = _FRAME.findall(_ANSI.sub("", traceback))
+    where = next((a or b for a, b in reversed(frames)), None)
+    return f"{ename}: {evalue}".strip() + (f" ({where})" if where else "")
+
+
 def time_notebook(path: Path, timeout: int) -> tuple[float, str | None]:
     """Seconds to execute ``path`` in a fresh kernel, and the first error (``None`` when it ran clean)."""
     import nbformat
@@ -33,7 +46,7 @@ def time_notebook(path: Path, timeout: int) -> tuple[float, str | None]:
     try:
         client.execute()
     except CellExecutionError as err:
-        return time.perf_counter() - start, str(err).strip().splitlines()[-1][:300]
+        return time.perf_counter() - start, cell_error(err.ename, err.evalue, err.traceback)[:500]
     except Exception as err:  # noqa: BLE001 - a dead kernel or a timeout is this notebook's result, not the end
         return time.perf_counter() - start, f"{type(err).__name__}: {err}".strip()[:300]
     return time.perf_counter() - start, None
