@@ -24,7 +24,7 @@ def test_a_dead_kernel_and_a_failing_cell_are_reported(tmp_path: Path) -> None:
     assert error is None and seconds > 0
     _, error = labtimes.time_notebook(_notebook(tmp_path, "fails.ipynb", "raise ValueError('boom')"), timeout=60)
     assert error is not None and "boom" in error
-    _, error = labtimes.time_notebook(_notebook(tmp_path, "asserts.ipynb", "import json\njson.loads(None)"), timeout=60)
+    _, error = labtimes.time_notebook(_notebook(tmp_path, "raises_in_a_library.ipynb", "import json\njson.loads(None)"), timeout=60)
     assert error is not None and error.startswith("TypeError") and "json/__init__.py" in error, error
     _, error = labtimes.time_notebook(_notebook(tmp_path, "dies.ipynb", "import os\nos._exit(1)"), timeout=60)
     assert error is not None and "Dead" in error, error
