@@ -73,11 +73,14 @@ def _run(path: Path, budget_s: float) -> Run:
     run = Run(nb, 0.0)
     marks: dict[str, float | None] = {}
 
+    def kernel_cpu() -> float | None:
+        return _cpu_seconds(getattr(client.km.provisioner, "pid", None))
+
     def started(cell, cell_index, **_) -> None:
-        marks.update(index=cell_index, wall=time.perf_counter(), cpu=_cpu_seconds(getattr(client.km.provisioner, "pid", None)))
+        marks.update(index=cell_index, wall=time.perf_counter(), cpu=kernel_cpu())
 
     def executed(cell, cell_index, **_) -> None:
-        cpu = _cpu_seconds(getattr(client.km.provisioner, "pid", None))
+        cpu = kernel_cpu()
         used = cpu - marks["cpu"] if cpu is not None and marks["cpu"] is not None else None
         run.cells.append((cell_index, time.perf_counter() - marks["wall"], used))
 
